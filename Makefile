@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= ci
 
-.PHONY: install test book lint clean
+.PHONY: install test book browser-check lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,15 +17,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The browser tests need the built site, so `make test` leaves them to browser-check.
 test: $(STAMP)
 	$(BIN)/python -m ruff check imba tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not browser"
 
 book: $(STAMP)
 	rm -rf _build/html
 	$(BIN)/imba reproduce --preset $(PRESET) --output executed
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 	test -f _build/html/index.html
+
+# Opens every page of _build/html in headless Chromium (Debian: chromium, chromium-driver);
+# fails when the site is missing. Screenshots go to _build/screenshots/.
+browser-check: $(STAMP)
+	IMBA_REQUIRE_SITE=1 $(BIN)/python -m pytest -q -m browser tests/test_browser.py
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check imba tests benchmarks notebooks

@@ -121,23 +121,35 @@ def load_key_numbers(results_dir: str | os.PathLike[str]) -> dict[str, dict[str,
 # Reading results back: chapter comparisons and the introduction's tables
 # ---------------------------------------------------------------------------------------------
 
-# Presets whose results are committed, most substantial first.
+# The presets whose results are committed, most substantial first. Other folders under
+# data/results/ follow them, for example ``paper``, which runs one experiment at the sizes
+# that arXiv 2507.13345 states.
 COMMITTED_PRESETS = ("gpu", "full")
+
+
+def committed_presets(results_root: str | os.PathLike[str] = "data/results") -> list[str]:
+    """Return the presets with committed results: ``gpu`` and ``full`` first, then every
+    other folder under ``results_root`` that contains a key-number file, by name."""
+    root = Path(results_root)
+    found = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.json"))
+    ) if root.is_dir() else []
+    return [*COMMITTED_PRESETS, *(p for p in found if p not in COMMITTED_PRESETS)]
 
 
 def committed_results(
     notebook: str,
     *,
     results_root: str | os.PathLike[str] = "data/results",
-    presets: tuple[str, ...] = COMMITTED_PRESETS,
+    presets: tuple[str, ...] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Return ``{preset: record}`` for the committed key numbers of one notebook.
 
-    Presets come in the order of ``presets`` (most substantial first) and only where
-    ``<results_root>/<preset>/<notebook>.json`` exists.
+    Presets come in the order of ``presets`` (default: :func:`committed_presets`, most
+    substantial first) and only where ``<results_root>/<preset>/<notebook>.json`` exists.
     """
     out = {}
-    for preset in presets:
+    for preset in presets or committed_presets(results_root):
         path = Path(results_root) / preset / f"{notebook}.json"
         if path.is_file():
             out[preset] = json.loads(path.read_text())
@@ -151,7 +163,8 @@ def format_number(entry: Any, digits: int = 3) -> str:
     if isinstance(entry, dict):
         text = format_number(entry.get("value"), digits)
         ci95 = entry.get("ci95")
-        if isinstance(ci95, (list, tuple)) and len(ci95) == 2:
+        # A single seed gives no interval; notebooks then store [None, None].
+        if isinstance(ci95, (list, tuple)) and len(ci95) == 2 and None not in ci95:
             lo, hi = (format_number(v, digits) for v in ci95)
             text += f" [{lo}, {hi}]"
         return text
@@ -165,12 +178,14 @@ def format_number(entry: Any, digits: int = 3) -> str:
 
 
 def paper_value(entry: Any) -> Any:
-    """The paper's number stored with a key number, or None."""
+    """Return the number arXiv 2507.13345 reports, stored with a key number as its ``paper``
+    field, or None."""
     return entry.get("paper") if isinstance(entry, dict) else None
 
 
 def describe_provenance(record: dict[str, Any]) -> str:
-    """One line: preset, commit, date, machine, wall time and command of a key-number file."""
+    """Describe the run behind a key-number file in one line: preset, commit, date, machine,
+    wall time and command."""
     prov = record.get("provenance", {})
     machine = prov.get("machine") or {}
     device = machine.get("accelerator") or f"{machine.get('cpu_count', '?')} CPU cores"
@@ -266,7 +281,7 @@ def committed_figures(
 
 
 def toc_chapters(toc_path: str | os.PathLike[str] = "_toc.yml") -> list[str]:
-    """Names of the executed notebooks the book's table of contents lists, in order.
+    """Return the names of the executed notebooks that the table of contents lists, in order.
 
     Commented lines do not count, so a chapter appears only once its author enabled it.
     """
@@ -292,7 +307,7 @@ def toc_chapters(toc_path: str | os.PathLike[str] = "_toc.yml") -> list[str]:
 
 
 def notebook_title(path: str | os.PathLike[str]) -> str:
-    """The ``# Title`` of a notebook's first markdown cell, or its file name."""
+    """Return the ``# Title`` of a notebook's first markdown cell, or its file name."""
     notebook = json.loads(Path(path).read_text())
     for cell in notebook.get("cells", []):
         if cell.get("cell_type") != "markdown":
@@ -305,7 +320,8 @@ def notebook_title(path: str | os.PathLike[str]) -> str:
 
 
 def load_claims(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read the claims file: a YAML list of ``{claim, evidence, chapter, keys?}`` entries.
+    """Read the claims file: a YAML list of ``{claim, evidence, chapter, keys?, paper?}``
+    entries. ``chapter`` is null for a claim that no chapter tests.
 
     Raises ValueError naming the entry when a required field is missing.
     """
@@ -327,14 +343,16 @@ def results_by_preset(
     smoke_preset: str = "ci",
     results_root: str | os.PathLike[str] = "data/results",
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Return ``{preset: {notebook: record}}``: the smoke run's results, then committed ones.
+    """Return ``{preset: {notebook: record}}``: the current run's results, then the committed
+    ones: full, gpu, and the other presets of :func:`committed_presets`.
 
-    The smoke run is read from ``smoke_dir``; the committed presets from
+    The current run is read from ``smoke_dir``; the committed presets from
     ``<results_root>/<preset>/``. When the current run is itself a committed preset, it is
     read once.
     """
     out = {smoke_preset: load_key_numbers(smoke_dir)}
-    for preset in COMMITTED_PRESETS:
+    presets = committed_presets(results_root)
+    for preset in [*reversed(COMMITTED_PRESETS), *presets[len(COMMITTED_PRESETS):]]:
         if preset != smoke_preset:
             out[preset] = load_key_numbers(Path(results_root) / preset)
     return out
@@ -349,8 +367,11 @@ def claim_numbers_rows(
     beside each preset's measured value.
 
     A claim's ``keys`` pick the key numbers to show; without ``keys``, every key number of
-    its chapter that stores a ``paper`` value is shown. A chapter without any result gets
-    one row that says so.
+    its chapter that stores a ``paper`` value is shown. The paper column takes the value
+    stored with the key number, else the claim's ``paper`` (a string for every row, or a
+    mapping from key to string). A claim with no key number to show gets one row that
+    counts what each preset saved; a claim whose ``chapter`` is null gets one row that says
+    no chapter tests it.
     """
     presets = list(results)
     header = ["claim", "chapter", "key number", "paper",
@@ -358,21 +379,36 @@ def claim_numbers_rows(
     rows = []
     for i, claim in enumerate(claims, start=1):
         chapter = claim["chapter"]
+        if chapter is None:
+            rows.append([str(i), "not tested here", "–", _paper_text(claim.get("paper")),
+                         *("–" for _ in presets)])
+            continue
         link = chapter_link.get(chapter, f"{chapter} (not in the book yet)")
         records = {p: results[p].get(chapter) for p in presets}
         keys = claim.get("keys") or _keys_with_paper_value(records)
+        claim_paper = claim.get("paper")
         if not keys:
-            measured = ["no key numbers yet" if r is None else "–" for r in records.values()]
-            rows.append([str(i), link, "–", claim.get("paper", "–"), *measured])
+            measured = [
+                "not run" if r is None
+                else f"{len(r.get('numbers', {}))} key numbers, see the chapter"
+                for r in records.values()
+            ]
+            rows.append([str(i), link, "–", _paper_text(claim_paper), *measured])
             continue
         for key in keys:
             entries = [None if r is None else r.get("numbers", {}).get(key)
                        for r in records.values()]
+            fallback = claim_paper.get(key) if isinstance(claim_paper, dict) else claim_paper
             paper = next((paper_value(e) for e in entries if paper_value(e) is not None),
-                         claim.get("paper"))
-            rows.append([str(i), link, key, format_number(paper),
-                         *(format_number(e) for e in entries)])
+                         fallback)
+            measured = ["not run" if r is None else format_number(e)
+                        for r, e in zip(records.values(), entries, strict=True)]
+            rows.append([str(i), link, key, format_number(paper), *measured])
     return header, rows
+
+
+def _paper_text(paper: Any) -> str:
+    return paper if isinstance(paper, str) else "–"
 
 
 def _keys_with_paper_value(records: dict[str, dict[str, Any] | None]) -> list[str]:

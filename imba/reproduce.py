@@ -10,12 +10,12 @@ A preset is ``params/<name>.yaml``::
       01_theory: {n_samples: 2000}
 
 Every notebook also receives ``preset`` and ``results_dir``. Smoke presets (``ci``) write
-their key numbers under ``<output>/results``; the ``full`` and ``gpu`` presets write them
-to ``data/results/<preset>/``, which is committed. The figures of each executed notebook are
-copied beside its key numbers, to ``<results_dir>/<notebook>/figure-NN.png``.
+their key numbers under ``<output>/results``; every other preset (``full``, ``gpu``, ...)
+writes them to ``data/results/<preset>/``, which is committed. The figures of each executed
+notebook are copied beside its key numbers, to ``<results_dir>/<notebook>/figure-NN.png``.
 
 Each executed copy gets a banner cell under its title that names the preset, the command,
-the commit and the wall time, so a rendered page always says which run produced it.
+the commit and the wall time, so every rendered page names the run that produced it.
 
 ``--grid FILE`` reads a YAML mapping of parameter names to lists, runs every combination as
 its own executed notebook (``<notebook>__<key>-<value>....ipynb``) with its own results
@@ -72,7 +72,8 @@ class NotebookRun:
 
     @property
     def results_dir(self) -> Path:
-        return Path(self.parameters["results_dir"])
+        # Relative paths are relative to the repository root, the notebooks' working folder.
+        return REPO_ROOT / self.parameters["results_dir"]
 
     @property
     def key_numbers_path(self) -> Path:
@@ -188,6 +189,11 @@ def declared_parameters(path: Path) -> set[str]:
     return names
 
 
+def _notebook_path(path: Path) -> str:
+    """``path`` relative to the repository root when inside it, so pages show no host paths."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def _check_declared(run_name: str, source: Path, params: dict[str, Any], origin: str) -> None:
     declared = declared_parameters(source)
     unknown = sorted(set(params) - declared)
@@ -244,7 +250,9 @@ def plan_runs(
                 **overrides,
                 **point,
                 "preset": name,
-                "results_dir": str(results_dir / (notebook + suffix) if point else results_dir),
+                "results_dir": _notebook_path(
+                    results_dir / (notebook + suffix) if point else results_dir
+                ),
             }
             out = output / f"{notebook}{suffix}.ipynb"
             runs.append(NotebookRun(notebook, source, out, params, grid_point=point))
@@ -254,9 +262,14 @@ def plan_runs(
 # ----------------------------------------------------------------------------- execution
 
 
-def execute(run: NotebookRun, *, cell_timeout: int, cwd: Path = REPO_ROOT) -> NotebookRun:
+def execute(
+    run: NotebookRun, *, cell_timeout: int, cwd: Path = REPO_ROOT, log_output: bool = False
+) -> NotebookRun:
     """Execute one notebook through papermill with ``cwd`` (the repository root) as working
-    folder, and record its status, wall time and the first line of any error."""
+    folder, and record its status, wall time and a one-line error.
+
+    ``log_output`` streams the cells' outputs to the log while the notebook runs.
+    """
     import papermill
 
     run.output.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +284,7 @@ def execute(run: NotebookRun, *, cell_timeout: int, cwd: Path = REPO_ROOT) -> No
             kernel_name="python3",
             execution_timeout=cell_timeout,
             progress_bar=False,
-            log_output=False,
+            log_output=log_output,
         )
         run.status = "ok"
     except Exception as exc:  # papermill raises PapermillExecutionError, timeouts, kernel deaths
@@ -291,11 +304,18 @@ def execute(run: NotebookRun, *, cell_timeout: int, cwd: Path = REPO_ROOT) -> No
 
 
 def _first_error_line(exc: Exception) -> str:
-    """Return the exception type and the last non-empty line of its message (the error)."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    # papermill messages end with the kernel's "ErrorName: message" line, wrapped in ANSI codes
-    last = re.sub(r"\x1b\[[0-9;]*m", "", lines[-1]) if lines else ""
-    return f"{type(exc).__name__}: {last}".strip()
+    """Summarise an execution failure in one line: the exception type and the line of its
+    message that names the error."""
+    from papermill.exceptions import PapermillExecutionError
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in str(exc).strip().splitlines()]
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    # A cell's exception ends papermill's message with the kernel's "ErrorName: message"
+    # line; timeouts and dead kernels put the reason first and a preview of the cell after.
+    line = lines[-1] if isinstance(exc, PapermillExecutionError) else lines[0]
+    return f"{type(exc).__name__}: {line.strip()}"
 
 
 def _written_since(path: Path, start: float) -> bool:
@@ -354,7 +374,9 @@ def banner_markdown(run: NotebookRun, preset: dict[str, Any], command: str, comm
     kind = "warning" if smoke else "note"
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f":::{{{kind}}} Executed with the `{preset['preset']}` preset",
+        f":::{{admonition}} Executed with the {preset['preset']} preset",
+        f":class: {kind}",
+        "",
         f"{preset['label']}",
         "",
         f"Command `{command}` at commit `{commit}`, {date}, {run.seconds:.0f} s of wall time, "
@@ -368,17 +390,30 @@ def banner_markdown(run: NotebookRun, preset: dict[str, Any], command: str, comm
 
 
 def insert_banner(run: NotebookRun, markdown: str) -> None:
-    """Insert the banner as the second cell of the executed copy (after the title)."""
+    """Insert the banner into the executed copy right under its ``# Title`` line.
+
+    When the title cell continues after the title, the rest moves to a cell of its own after
+    the banner, so the page reads the same with the banner between title and text. Cells
+    before the title (papermill puts an error note first when a cell raised) stay first.
+    """
     import nbformat
 
     if not run.output.is_file():
         return
     notebook = nbformat.read(run.output, as_version=4)
-    notebook.cells = [
-        c for c in notebook.cells if BANNER_TAG not in c.get("metadata", {}).get("tags", [])
-    ]
-    cell = nbformat.v4.new_markdown_cell(markdown, metadata={"tags": [BANNER_TAG]})
-    notebook.cells.insert(1 if notebook.cells else 0, cell)
+    cells = [c for c in notebook.cells if BANNER_TAG not in c.get("metadata", {}).get("tags", [])]
+    banner = nbformat.v4.new_markdown_cell(markdown, metadata={"tags": [BANNER_TAG]})
+    titles = [i for i, c in enumerate(cells)
+              if c.cell_type == "markdown" and c.source.startswith("# ")]
+    if titles:
+        at = titles[0]
+        title, _, rest = cells[at].source.partition("\n")
+        cells[at].source = title
+        following = [nbformat.v4.new_markdown_cell(rest.strip("\n"))] if rest.strip() else []
+        cells = [*cells[:at + 1], banner, *following, *cells[at + 1:]]
+    else:
+        cells = [banner, *cells]
+    notebook.cells = cells
     nbformat.write(notebook, run.output)
 
 
@@ -479,6 +514,8 @@ def build_parser(prog: str = "imba reproduce") -> argparse.ArgumentParser:
                         metavar="DIR",
                         help="where full and gpu presets write <preset>/ key numbers "
                              "(default: data/results)")
+    parser.add_argument("--log-output", action="store_true",
+                        help="stream the cells' outputs to the log while each notebook runs")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the planned runs and their parameters, execute nothing")
     return parser
@@ -516,6 +553,8 @@ def cli_main(argv: list[str], prog: str = "imba reproduce") -> int:
             print(f"{run.source} -> {run.output}\n  {json.dumps(run.parameters, default=str)}")
         return 0
 
+    # papermill logs every notebook's paths at INFO; the summary table carries the same.
+    logging.getLogger("papermill").setLevel(logging.WARNING)
     command = shlex.join(["imba", "reproduce", *argv])
     commit = git_commit(REPO_ROOT)
     logger.info("preset %s: %d notebook run(s) into %s, cell timeout %d s",
@@ -523,7 +562,7 @@ def cli_main(argv: list[str], prog: str = "imba reproduce") -> int:
     bar = tqdm(runs, desc=f"reproduce ({preset['preset']})", unit="notebook")
     for run in bar:
         bar.set_postfix_str(run.output.stem)
-        execute(run, cell_timeout=cell_timeout)
+        execute(run, cell_timeout=cell_timeout, log_output=args.log_output)
         export_figures(run)
         stamp_results(run, command, cell_timeout)
         insert_banner(run, banner_markdown(run, preset, command, commit))

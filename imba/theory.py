@@ -50,7 +50,8 @@ class GaussianMixture:
             raise ValueError(
                 f"phi has shape {tuple(self.phi.shape)}, expected ({self.means.shape[0]},)"
             )
-        if bool((self.phi <= 0).any()) or not math.isclose(float(self.phi.sum()), 1.0, abs_tol=1e-9):
+        total = float(self.phi.sum())
+        if bool((self.phi <= 0).any()) or not math.isclose(total, 1.0, abs_tol=1e-9):
             raise ValueError("phi must be positive and sum to 1")
         if not self.std > 0:
             raise ValueError(f"std must be positive, got std={self.std!r}")
