@@ -617,7 +617,7 @@ def make_generator(config: BenchmarkConfig) -> PromptGenerator:
 def generate_prompts(pairs: Sequence[Pair], generator: PromptGenerator,
                      n: int = 5) -> list[dict[str, Any]]:
     """Phase 5: ``n`` prompts per pair, as output records."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     records = []
     for pair_id, pair in enumerate(tqdm(pairs, desc="prompts", disable=None)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 # command -> (module, one-line help)
@@ -43,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.cli_main(rest, prog=f"imba {command}") or 0)
+    try:
+        return int(module.cli_main(rest, prog=f"imba {command}") or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        # Invalid input reaches the user as one line; IMBA_DEBUG=1 keeps the traceback.
+        if os.environ.get("IMBA_DEBUG"):
+            raise
+        print(f"imba {command}: error: {exc} (set IMBA_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -867,7 +867,7 @@ def count_concepts(
     own process, and the shard counts merge. Records without a usable caption are skipped,
     counted, and logged at the end. ``limit`` (records per shard) is for quick looks.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -893,6 +893,10 @@ def count_concepts(
     if total.n_skipped:
         logger.warning("%s: skipped %d of %d records without a usable caption",
                        path, total.n_skipped, total.n_captions)
+    if total.n_captions and total.n_skipped == total.n_captions:
+        where = f" in field {field!r}" if field else ""
+        raise ValueError(f"{path}: none of {total.n_captions} records has a usable caption"
+                         f"{where}; name the caption field with --field")
     return ConceptStats.from_counts(total, source=os.fspath(path))
 
 

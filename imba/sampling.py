@@ -262,7 +262,8 @@ def distance_by_concept(
 
 def cli_main(argv: list[str], prog: str = "imba sample") -> int:
     """``imba sample CHECKPOINT --prompt TEXT ...``: write an image grid; returns the status."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint file or run folder")
     parser.add_argument("--prompt", action="append", default=[], help="caption; repeatable")
     parser.add_argument("--prompts", help="text file with one caption per line")
@@ -284,6 +285,12 @@ def cli_main(argv: list[str], prog: str = "imba sample") -> int:
     if not captions:
         print(f"{prog}: no captions; pass --prompt TEXT or --prompts FILE", file=sys.stderr)
         return 2
+    for name in ("per_prompt", "steps"):
+        if getattr(args, name) < 1:
+            option = "--" + name.replace("_", "-")
+            print(f"{prog}: {option} must be at least 1, got {getattr(args, name)}",
+                  file=sys.stderr)
+            return 2
     try:
         pipeline = load_pipeline(args.checkpoint, ema=not args.raw_weights, device=args.device)
         images = generate(pipeline, [c for c in captions for _ in range(args.per_prompt)],
@@ -295,7 +302,7 @@ def cli_main(argv: list[str], prog: str = "imba sample") -> int:
     from PIL import Image
 
     Image.fromarray(make_grid(images, ncols=args.per_prompt)).save(args.output)
-    print(f"wrote {len(images)} samples ({len(captions)} captions, one row each) "
+    print(f"wrote {len(images)} samples for {len(captions)} caption(s), one row per caption, "
           f"to {args.output}")
     return 0
 

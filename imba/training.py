@@ -38,6 +38,7 @@ import logging
 import os
 import sys
 import time
+import typing
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ import yaml
 from torch import nn
 
 from imba.data.scenes import SceneConfig
+from imba.losses import _check_gamma, _check_lam
 from imba.models import ModelConfig, build_codec, build_denoiser, count_parameters
 from imba.text import DEFAULT_ENCODER
 
@@ -129,6 +131,8 @@ def _check_config(config: TrainConfig) -> None:
     for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    _check_gamma(config.gamma)
+    _check_lam(config.lam)
     if not 0.0 <= config.cond_dropout <= 1.0:
         raise ValueError(f"cond_dropout must be in [0, 1], got {config.cond_dropout}")
     if not 0.0 <= config.ema_decay < 1.0:
@@ -149,14 +153,28 @@ def _from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
         raise ValueError(f"unknown config key(s) {unknown} in {where or 'the top level'}; "
                          f"valid keys: {sorted(known)}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     nested = {"data": DataConfig, "scenes": SceneConfig, "model": ModelConfig}
     for name, value in values.items():
         if name in nested and isinstance(value, dict):
             value = _from_dict(nested[name], value, f"{where}{name}.")
         if name == "adam_betas" and value is not None:
             value = tuple(value)
+        _check_scalar_type(f"{where}{name}", hints.get(name), value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _check_scalar_type(key: str, hint: Any, value: Any) -> None:
+    """Reject a value whose type does not fit an int, float, bool or str field."""
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if hint is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -766,7 +784,7 @@ def _resume_path(config: TrainConfig) -> Path | None:
 def train(config: TrainConfig) -> TrainResult:
     """Run one training job from ``config``; the module docstring lists the outputs."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from imba.objectives import get_objective
     from imba.text import load_text_encoder

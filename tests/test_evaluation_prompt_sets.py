@@ -116,7 +116,7 @@ def test_inert_compbench_bad_lines():
     prompts = load_inert_compbench(DATA / "inert_compbench_bad.jsonl", errors="skip")
     assert [p.prompt_id for p in prompts] == ["p0"]
     reasons = [s.split(": ", 1)[1] for s in prompts.skipped]
-    assert reasons[0].startswith("'pair' must name two concepts")
+    assert reasons[0].startswith("'pair' (or 'concepts') must name two concepts")
     assert reasons[1].startswith("invalid JSON")
     assert reasons[2] == "duplicate prompt_id 'p0'"
     assert reasons[3] == "missing or empty 'text'"
@@ -139,3 +139,14 @@ def test_unknown_kind():
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_geneval(DATA / "nope.jsonl")
+
+
+def test_bench_build_output_loads():
+    from imba.evaluation.prompt_sets import load_inert_compbench
+
+    # The committed file is what `imba bench build` writes for the COCO captions.
+    shipped = load_inert_compbench("data/inert_compbench_coco.jsonl")
+    assert len(shipped.prompts) == 1000
+    first = shipped.prompts[0]
+    assert first.concepts == ["bathroom", "water ski"]
+    assert first.prompt_id == "0000-0"

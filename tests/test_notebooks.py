@@ -74,6 +74,22 @@ def test_notebook_has_one_parameters_cell(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_papermill_reads_every_parameter(path):
+    # papermill skips a line it cannot parse (for example a comment holding " = "), and
+    # `imba reproduce` then rejects an override of that parameter as undeclared.
+    import papermill
+
+    tagged = [c for c in load(path)["cells"]
+              if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assigned = {
+        node.targets[0].id for node in ast.parse(source(tagged[0])).body
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+    }
+    inspected = set(papermill.inspect_notebook(str(path)))
+    assert assigned - inspected == set(), "papermill cannot parse these parameter lines"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
 def test_notebook_has_no_outputs(path):
     for index, cell in enumerate(load(path)["cells"]):
         if cell["cell_type"] != "code":

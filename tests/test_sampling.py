@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_training import tiny_config
 
@@ -20,14 +19,7 @@ from imba.sampling import (
 )
 from imba.training import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run the tiny test models on one thread; more threads only contend on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,7 @@ import torch
 
 from imba.text import DEFAULT_ENCODER, encode_captions, load_text_encoder, packaged_minilm_path
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run the tiny test models on one thread; more threads only contend on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

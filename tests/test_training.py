@@ -30,14 +30,7 @@ from imba.training import (
     train,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run the tiny test models on one thread; more threads only contend on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(tmp_path, **changes) -> TrainConfig:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from imba.evaluation.judge import Judge, pair_questions
 from imba.evaluation.prompt_sets import Prompt, PromptSet, pair_frequencies

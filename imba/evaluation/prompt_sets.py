@@ -85,7 +85,9 @@ class _Reporter:
     def bad(self, path: Path, line_no: int, reason: str) -> None:
         message = f"{path}:{line_no}: {reason}"
         if self.errors == "raise":
-            raise PromptSetError(message + " (pass errors='skip' to leave bad lines out)")
+            raise PromptSetError(
+                message + " (to leave bad lines out, pass errors='skip' or --skip-bad-lines)"
+            )
         logger.warning("skipped %s", message)
         self.skipped.append(message)
 
@@ -326,7 +328,10 @@ def _entry_lines(raw: str) -> list[int]:
 
 
 def _pair_of(row: dict[str, Any]) -> list[str] | None:
-    pair = row.get("pair")
+    # `imba bench build` writes the pair as `concepts` plus `head` and `tail`.
+    pair = row.get("pair", row.get("concepts"))
+    if pair is None and "head" in row and "tail" in row:
+        pair = [row["head"], row["tail"]]
     if isinstance(pair, str):
         pair = [p.strip() for p in pair.split("|")] if "|" in pair else None
     if isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) and p for p in pair):
@@ -339,9 +344,10 @@ def load_inert_compbench(
 ) -> PromptSet:
     """Read an Inert-CompBench JSONL file as ``imba bench`` writes it.
 
-    Each line needs ``text`` and ``pair`` (two concept names). It may carry ``head``,
-    ``tail``, ``frequencies``, ``cooccurrence`` and ``prompt_id``. Other fields (for the
-    scene benchmark ``relation``, ``split`` and ``objects``) are kept in ``meta``.
+    Each line needs the prompt as ``text`` or ``prompt`` and the concept pair as ``pair``,
+    ``concepts`` or ``head`` and ``tail``. Its id is ``id``, else ``prompt_id``, else the
+    line number. It may carry ``frequencies``, ``cooccurrence`` and counts. Other fields
+    (for the scene benchmark ``relation``, ``split`` and ``objects``) are kept in ``meta``.
     """
     path = _require_file(path)
     set_name = name or path.stem
@@ -355,7 +361,10 @@ def load_inert_compbench(
             continue
         pair = _pair_of(row)
         if pair is None:
-            reporter.bad(path, line_no, f"'pair' must name two concepts, got {row.get('pair')!r}")
+            found = row.get("pair", row.get("concepts"))
+            reporter.bad(
+                path, line_no, f"'pair' (or 'concepts') must name two concepts, got {found!r}"
+            )
             continue
         frequencies = row.get("frequencies", {})
         if not isinstance(frequencies, dict | list):
@@ -363,12 +372,12 @@ def load_inert_compbench(
                 path, line_no, f"'frequencies' must be an object or a list, got {frequencies!r}"
             )
             continue
-        prompt_id = str(row.get("prompt_id", f"{line_no:05d}"))
+        prompt_id = str(row.get("id", row.get("prompt_id", f"{line_no:05d}")))
         if prompt_id in seen:
             reporter.bad(path, line_no, f"duplicate prompt_id {prompt_id!r}")
             continue
         seen.add(prompt_id)
-        meta = {k: v for k, v in row.items() if k not in ("text", "prompt", "pair", "prompt_id")}
+        meta = {k: v for k, v in row.items() if k not in ("text", "prompt", "pair", "id")}
         prompts.append(
             Prompt(set_name, prompt_id, text.strip(), str(row.get("split", "")), pair, meta)
         )
