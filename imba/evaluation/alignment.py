@@ -348,30 +348,23 @@ class ProjectedFeatures(nn.Module):
 def clip_loader(name_or_path: str, allow_download: bool = False) -> Callable[[], tuple[Any, Any]]:
     """Return a loader of a CLIP model and processor from a folder or hub name.
 
-    Without ``allow_download`` the loader sets ``HF_HUB_OFFLINE=1`` while it runs, so a hub
-    name that is not already cached fails instead of downloading.
+    Without ``allow_download`` the loader reads only local files, so a hub name that is not
+    already cached fails at once instead of downloading.
     """
 
     def load() -> tuple[Any, Any]:
         from transformers import CLIPModel, CLIPProcessor
 
-        previous = os.environ.get("HF_HUB_OFFLINE")
-        if not allow_download:
-            os.environ["HF_HUB_OFFLINE"] = "1"
+        offline = not allow_download  # local_files_only; HF_HUB_OFFLINE is read at import
         try:
-            model = CLIPModel.from_pretrained(name_or_path)
-            return ProjectedFeatures(model), CLIPProcessor.from_pretrained(name_or_path)
+            model = CLIPModel.from_pretrained(name_or_path, local_files_only=offline)
+            processor = CLIPProcessor.from_pretrained(name_or_path, local_files_only=offline)
         except OSError as error:
             raise ValueError(
                 f"could not load CLIP from {name_or_path!r} ({error}); pass a "
                 "local folder, or a hub name with allow_download=True"
             ) from None
-        finally:
-            if not allow_download:
-                if previous is None:
-                    os.environ.pop("HF_HUB_OFFLINE", None)
-                else:
-                    os.environ["HF_HUB_OFFLINE"] = previous
+        return ProjectedFeatures(model), processor
 
     return load
 

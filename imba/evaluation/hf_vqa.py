@@ -3,14 +3,13 @@
 Generative models (``BlipForQuestionAnswering``, for example ``Salesforce/blip-vqa-base``)
 write the reply as text. Classification models (``ViltForQuestionAnswering``) pick the
 highest-scoring answer label. The model loads from a local folder or a hub name. Hub names
-download only when the caller allows it: with ``HF_HUB_OFFLINE=1`` (the default here unless
-``allow_download=True``) a name that is not in the local cache fails with a clear error.
+download only when the caller allows it: unless ``allow_download=True``, loading reads local
+files only, and a name that is not in the local cache fails with a clear error.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ class HFVQAConfig:
     device: str = "cpu"
     batch_size: int = 16
     max_new_tokens: int = 5  # generative models only
-    allow_download: bool = False  # False keeps HF_HUB_OFFLINE=1 while loading
+    allow_download: bool = False  # False loads only local files (local_files_only=True)
 
 
 class HFVQAJudge(Judge):
@@ -88,25 +87,19 @@ def load_vqa_model(name_or_path: str, allow_download: bool = False) -> tuple[Any
     """Load a processor and a VQA model from a folder or hub name; offline unless allowed."""
     from transformers import AutoConfig, AutoProcessor
 
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    if not allow_download:
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    # local_files_only is the reliable switch: huggingface_hub reads HF_HUB_OFFLINE once, at
+    # import, so setting it later does not stop a download.
+    offline = not allow_download
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=offline)
         model_class = _model_class(config)
-        processor = AutoProcessor.from_pretrained(name_or_path)
-        model = model_class.from_pretrained(name_or_path)
+        processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=offline)
+        model = model_class.from_pretrained(name_or_path, local_files_only=offline)
     except OSError as error:
         raise ValueError(
             f"could not load a VQA model from {name_or_path!r} ({error}). Pass a local folder "
             "with config, processor and weights, or a hub name together with allow_download=True"
         ) from None
-    finally:
-        if not allow_download:
-            if previous is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = previous
     logger.info("loaded VQA model %s (%s)", name_or_path, type(model).__name__)
     return processor, model
 
