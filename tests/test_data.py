@@ -41,7 +41,8 @@ def test_glyph_masks_in_unit_range(source):
             mask = source.sample(name, rng, split)
             assert mask.ndim == 2
             assert mask.dtype == np.float32
-            assert 0.0 <= mask.min() and mask.max() <= 1.0
+            assert 0.0 <= mask.min()
+            assert mask.max() <= 1.0
             assert mask.max() > 0.2, f"{source.name}/{name} has no ink"
 
 
@@ -135,11 +136,14 @@ def test_scene_layout_and_record():
     scene = make_scene(config, [("seven", "red"), ("two", "blue")], "above", rng)
     top, bottom = (o.box for o in scene.objects)
     assert top[3] <= bottom[1]
-    assert scene.caption.startswith("a red seven") and "a blue two" in scene.caption
+    assert scene.caption.startswith("a red seven")
+    assert "a blue two" in scene.caption
     image = scene.render()
-    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    assert image.shape == (32, 32, 3)
+    assert image.dtype == np.uint8
     x0, y0, x1, y1 = top
-    assert image[y0:y1, x0:x1, 0].max() > 150 and image[y0:y1, x0:x1, 2].max() < 100
+    assert image[y0:y1, x0:x1, 0].max() > 150
+    assert image[y0:y1, x0:x1, 2].max() < 100
     record = json.loads(json.dumps(scene.record()))
     assert record["relation"] == "above"
     assert record["objects"][1] == {"concept": "two", "colour": "blue", "box": list(bottom)}
@@ -190,7 +194,8 @@ def test_image_folder_skips_and_counts_bad_records(tmp_path, caplog):
     assert dataset.skipped.counts == Counter(
         missing_file=1, undecodable_image=1, empty_caption=1, invalid_json=1)
     image, caption = dataset[0]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+    assert image.shape == (3, 16, 16)
+    assert image.dtype == torch.uint8
     assert caption == dataset.records[0]["text"]
     assert "skipped 4 bad record(s)" in caplog.text
 
@@ -199,7 +204,8 @@ def test_streaming_folder_matches_and_shards(tmp_path):
     root = _folder_with_bad_records(tmp_path)
     stream = StreamingImageFolder(root, image_size=16)
     items = list(stream)
-    assert len(items) == 6 and stream.skipped.total == 4
+    assert len(items) == 6
+    assert stream.skipped.total == 4
     shards = [list(StreamingImageFolder(root, 16, rank=r, world_size=2)) for r in (0, 1)]
     assert sorted(len(s) for s in shards) == [3, 3]
     assert {c for s in shards for _, c in s} == {c for _, c in items}
